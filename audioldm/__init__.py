@@ -1,0 +1,1 @@
+"""RunPod serverless worker for AudioLDM2: generate and fine-tune jobs."""
