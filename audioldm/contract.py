@@ -1,0 +1,190 @@
+"""The job contract: what a caller may put in a RunPod job's ``input``.
+
+Validated at the edge with pydantic, so a bad job fails before any model or storage work,
+with every problem listed at once and where it is. `schemas/job.schema.json` is exported
+from these models (``python -m audioldm.contract``) and a test fails when it goes stale.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "job.schema.json"
+
+MAX_PROMPTS = 64
+MAX_CANDIDATES = 8
+MAX_DURATION_S = 30.0  # the models were trained on 10.24 s clips; much longer drifts
+MIN_DURATION_S = 0.5
+
+MAX_PROMPT_CHARS = 1000
+
+Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS)]
+ModelRef = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1024)]
+Uri = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1024)]
+
+
+class _Strict(BaseModel):
+    # Unknown fields are errors: a typo such as "step" for "steps" must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, str_max_length=100_000)
+
+
+class OutputSpec(_Strict):
+    """Where results go. Without a URI: the worker's OUTPUT_URI, else inline base64."""
+
+    uri: Uri | None = Field(
+        None,
+        description="Directory for the results: 's3://bucket/prefix/' or a local directory "
+        "inside the worker's LOCAL_STORAGE_ROOTS. Files land under <uri>/<job id>/.",
+        examples=["s3://my-bucket/audio/"],
+    )
+    format: Literal["wav", "flac"] = Field("wav", description="Audio container (16-bit PCM).")
+    url_expiry_s: int = Field(
+        3600, ge=60, le=7 * 24 * 3600, description="Lifetime of presigned download URLs (s3 only)."
+    )
+
+
+class GenerateJob(_Strict):
+    """Text to audio."""
+
+    task: Literal["generate"]
+    prompt: str | list[str] = Field(
+        description=f"A prompt, or a list of 1-{MAX_PROMPTS} prompts generated as one batch; "
+        f"each non-empty, at most {MAX_PROMPT_CHARS} characters.",
+        examples=["rain on a tin roof"],
+    )
+    negative_prompt: Prompt | None = Field(
+        None, description="What to steer away from, applied to every prompt.", examples=["low quality"]
+    )
+    duration_s: float = Field(10.0, ge=MIN_DURATION_S, le=MAX_DURATION_S, description="Seconds of audio.")
+    steps: int = Field(200, ge=1, le=1000, description="Denoising steps.")
+    guidance_scale: float = Field(3.5, ge=0.0, le=30.0, description="Classifier-free guidance; <= 1 disables it.")
+    candidates: int = Field(
+        3,
+        ge=1,
+        le=MAX_CANDIDATES,
+        description="Waveforms generated per prompt; the best by CLAP text-audio score is returned.",
+    )
+    seed: int = Field(
+        0,
+        ge=0,
+        le=2**63 - 1,
+        description="Prompt i uses seed + i, so a prompt gives the same audio alone or in a batch.",
+    )
+    scheduler: Literal["ddim", "dpmpp"] = Field(
+        "ddim", description="'ddim' (the model's own) or 'dpmpp' (DPM-Solver++, good in 20-25 steps)."
+    )
+    model: ModelRef | None = Field(
+        None,
+        description="A preset from configs/ (audioldm2, audioldm2-large, audioldm2-music, tiny) or a "
+        "local model directory. Default: the worker's warm model (env DEFAULT_MODEL).",
+        examples=["audioldm2"],
+    )
+    output: OutputSpec | None = None
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts_in_bounds(cls, value: str | list[str]) -> str | list[str]:
+        # Checked by hand rather than by a constrained union so that an error names the
+        # problem once ("prompt[3]: empty") instead of once per union branch.
+        if isinstance(value, list) and not 1 <= len(value) <= MAX_PROMPTS:
+            raise ValueError(f"must hold 1-{MAX_PROMPTS} prompts, got {len(value)}")
+        items = [value] if isinstance(value, str) else value
+        cleaned = [item.strip() for item in items]
+        for index, item in enumerate(cleaned):
+            where = "" if isinstance(value, str) else f"item {index}: "
+            if not item:
+                raise ValueError(f"{where}prompt is empty")
+            if len(item) > MAX_PROMPT_CHARS:
+                raise ValueError(f"{where}prompt is longer than {MAX_PROMPT_CHARS} characters")
+        return cleaned[0] if isinstance(value, str) else cleaned
+
+    @field_validator("duration_s", "guidance_scale")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @model_validator(mode="after")
+    def _bounded_batch(self) -> GenerateJob:
+        # Memory scales with prompts x candidates; cap the product, not each alone.
+        if len(self.prompts) * self.candidates > MAX_PROMPTS:
+            raise ValueError(
+                f"prompts x candidates is {len(self.prompts)} x {self.candidates}; "
+                f"at most {MAX_PROMPTS} waveforms per job"
+            )
+        return self
+
+
+TASKS = ("generate",)
+Job = Annotated[Union[GenerateJob], Field(discriminator="task")]
+_JOB_ADAPTER: TypeAdapter[GenerateJob] = TypeAdapter(Job)
+
+
+def parse_job(raw: Any) -> GenerateJob:
+    """Validate a job's ``input``; raises pydantic.ValidationError listing every problem."""
+    return _JOB_ADAPTER.validate_python(raw)
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per bad field, 'input.<path>: <message>', without echoing the bad values.
+
+    Values are left out on purpose: a caller's mistake may put a secret in the wrong field.
+    Union branches ('str', 'list[str]', ...) are folded into their field so that one bad
+    field gives one line.
+    """
+    by_location: dict[str, list[str]] = {}
+    for problem in error.errors(include_url=False, include_input=False):
+        parts = [str(part) for part in problem["loc"] if not _is_union_tag(part)]
+        location = ".".join(["input", *parts])
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "union_tag_invalid":
+            message = f"unknown task; expected one of: {', '.join(TASKS)}"
+        elif problem["type"] == "union_tag_not_found":
+            message = f"missing 'task' (one of: {', '.join(TASKS)})"
+        messages = by_location.setdefault(location, [])
+        if message not in messages:
+            messages.append(message)
+    lines = [f"{location}: {' / '.join(messages)}" for location, messages in by_location.items()]
+    return f"invalid job ({len(lines)} problem{'s' if len(lines) != 1 else ''}):\n" + "\n".join(lines)
+
+
+def _is_union_tag(part: str | int) -> bool:
+    if isinstance(part, int):
+        return False
+    return part in TASKS or part in ("str", "int", "float", "list") or "[" in part or "-" in part
+
+
+def json_schema() -> dict[str, Any]:
+    schema = _JOB_ADAPTER.json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "AudioLDM2 worker job input"
+    return schema
+
+
+def render_schema() -> str:
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":
+    SCHEMA_PATH.parent.mkdir(parents=True, exist_ok=True)
+    SCHEMA_PATH.write_text(render_schema())
+    print(f"wrote {SCHEMA_PATH}")
