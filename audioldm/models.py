@@ -59,6 +59,9 @@ def resolve_model(ref: str, settings: Settings, trusted: bool = False) -> ModelS
     if "://" in ref and not ref.startswith("file://"):
         raise ModelError(f"model {ref!r}: remote model URIs are not supported; use a preset ({', '.join(known)}) "
                          "or a local directory")
+    if "/" not in ref and not ref.startswith(("~", ".")):
+        raise ModelError(f"model {ref!r} is not a preset (one of: {', '.join(known)}); "
+                         "a local model directory must be given as a path")
     path = Path(ref.removeprefix("file://")).expanduser()
     if not trusted:
         path = resolve_inside(path, settings.local_roots, what="model directory")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# No test may reach for the hub; the tiny model builds itself once per session, here.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("AUDIOLDM_TINY_DIR", str(Path(tempfile.mkdtemp(prefix="audioldm-tests-")) / "tiny-v1"))
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers, whatever pytest's import mode
 from s3server import SeaweedS3  # noqa: E402
@@ -21,3 +27,28 @@ def s3() -> Iterator[SeaweedS3]:
     """
     with SeaweedS3() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from audioldm.tiny import ensure_tiny
+
+    return ensure_tiny()
+
+
+@pytest.fixture(scope="session")
+def outputs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The only local directory workers in tests may write to."""
+    return tmp_path_factory.mktemp("outputs")
+
+
+@pytest.fixture(scope="session")
+def worker(tiny_model_dir: Path, outputs_root: Path):
+    """One warm worker for the session, as in production: default model tiny, CPU, fp32."""
+    from audioldm.settings import Settings
+    from audioldm.worker import Worker
+
+    worker = Worker(Settings(default_model="tiny", local_roots=[outputs_root], model_search_dirs=[]))
+    worker.warm_up()
+    return worker
+
