@@ -1,11 +1,16 @@
 """RunPod serverless entry point: validate, dispatch, return. The work lives in audioldm/."""
 
 import asyncio
+import os
 
-import runpod
+# The SDK logs every job's full result at its default DEBUG level: inline audio, presigned
+# URLs. Read once at import, so it is set before runpod is imported.
+os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
 
-from audioldm import redact
-from audioldm.worker import Worker
+import runpod  # noqa: E402
+
+from audioldm import redact  # noqa: E402
+from audioldm.worker import Worker  # noqa: E402
 
 redact.install()
 worker = Worker.from_env()
