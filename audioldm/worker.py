@@ -20,7 +20,7 @@ from audioldm.context import JobContext
 from audioldm.contract import GenerateJob, describe_validation_error, parse_job
 from audioldm.errors import JobError
 from audioldm.generate_job import run_generate
-from audioldm.models import ModelCache
+from audioldm.models import ModelCache, resolve_model
 from audioldm.settings import Settings
 from audioldm.storage import S3Credentials, Storage
 
@@ -39,9 +39,9 @@ class Worker:
 
     def warm_up(self) -> None:
         """Load the default model now, so the first job does not pay for it."""
-        ctx = self._context("warm-up", None)
         try:
-            _, seconds = self.models.get(ctx.default_source())
+            source = resolve_model(self.settings.default_model, self.settings, trusted=True)
+            _, seconds = self.models.get(source)
             log.info("default model %s ready in %.1fs", self.settings.default_model, seconds)
         except JobError as exc:
             # Stay up: jobs naming another model can still run, and each job reports the problem.
