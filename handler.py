@@ -1,6 +1,6 @@
 """RunPod serverless entry point: validate, dispatch, return. The work lives in audioldm/."""
 
-import asyncio
+import logging
 import os
 
 # The SDK logs every job's full result at its default DEBUG level: inline audio, presigned
@@ -13,12 +13,20 @@ from audioldm import redact  # noqa: E402
 from audioldm.worker import Worker  # noqa: E402
 
 redact.install()
+log = logging.getLogger("handler")
 worker = Worker.from_env()
 
 
+def progress_for(job: dict):
+    # Progress goes to RunPod's /status only when there is a RunPod to send it to.
+    if os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"):
+        return lambda update: runpod.serverless.progress_update(job, update)
+    return lambda update: log.info("job %s progress: %s", job.get("id"), update)
+
+
 async def handler(job: dict) -> dict:
-    # Async so the SDK's event loop stays free (status, cancel) while the GPU works in a thread.
-    return await asyncio.to_thread(worker.run, job)
+    # Async, so RunPod can cancel it; the GPU work runs in a thread that saves before stopping.
+    return await worker.run_async(job, progress_for(job))
 
 
 if __name__ == "__main__":

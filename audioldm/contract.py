@@ -89,8 +89,10 @@ class GenerateJob(_Strict):
     )
     model: ModelRef | None = Field(
         None,
-        description="A preset from configs/ (audioldm2, audioldm2-large, audioldm2-music, tiny) or a "
-        "local model directory. Default: the worker's warm model (env DEFAULT_MODEL).",
+        description="A preset from configs/ (audioldm2, audioldm2-large, audioldm2-music, tiny), a local "
+        "model directory, or a fine-tuned checkpoint: its folder "
+        "('s3://b/runs/x/checkpoints/step-00000500/') or its run directory (= latest checkpoint). "
+        "Default: the worker's warm model (env DEFAULT_MODEL).",
         examples=["audioldm2"],
     )
     output: OutputSpec | None = None
@@ -134,12 +136,66 @@ class GenerateJob(_Strict):
         return self
 
 
-TASKS = ("generate",)
-Job = Annotated[Union[GenerateJob], Field(discriminator="task")]
-_JOB_ADAPTER: TypeAdapter[GenerateJob] = TypeAdapter(Job)
+class RunOutputSpec(_Strict):
+    """The run directory of a fine-tune. Sending the same job to the same directory resumes it."""
+
+    uri: Uri = Field(
+        description="Run directory: 's3://bucket/runs/name/' or a local directory inside LOCAL_STORAGE_ROOTS. "
+        "Checkpoints go to <uri>/checkpoints/step-NNNNNNNN/, validation audio to <uri>/validation/.",
+        examples=["s3://my-bucket/runs/dogs-v1/"],
+    )
+    url_expiry_s: int = Field(3600, ge=60, le=7 * 24 * 3600, description="Lifetime of presigned URLs.")
 
 
-def parse_job(raw: Any) -> GenerateJob:
+class FinetuneJob(_Strict):
+    """A dataset zip (root metadata.csv with columns audio, caption) -> a new checkpoint."""
+
+    task: Literal["finetune"]
+    dataset: Uri = Field(description="The dataset zip: s3:// URI or a local path inside LOCAL_STORAGE_ROOTS.",
+                         examples=["s3://my-bucket/datasets/dogs.zip"])
+    base_model: ModelRef | None = Field(
+        None, description="Preset or local directory to start from. Default: the worker's DEFAULT_MODEL.")
+    method: Literal["lora", "full"] = Field(
+        "lora", description="'lora': a small adapter on the UNet's attention; 'full': every UNet weight.")
+    output: RunOutputSpec
+    max_steps: int = Field(1000, ge=1, le=1_000_000, description="Optimizer steps for the whole run.")
+    learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
+    warmup_steps: int = Field(100, ge=0, le=100_000, description="Linear learning-rate warm-up.")
+    batch_size: int = Field(2, ge=1, le=64)
+    gradient_accumulation: int = Field(1, ge=1, le=256)
+    lora_rank: int = Field(8, ge=1, le=256)
+    lora_alpha: float = Field(8.0, gt=0.0, le=1024.0)
+    mixed_precision: Literal["bf16", "fp16", "no"] = Field(
+        "bf16", description="Autocast precision on GPU; CPUs always train in fp32.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (recompute activations).")
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    save_every_steps: int = Field(500, ge=1, le=1_000_000)
+    validate_every_steps: int | None = Field(
+        None, ge=1, le=1_000_000,
+        description="Generate validation audio every N steps (and at the end). Default: at the end only.")
+    validation_prompts: list[Prompt] = Field(
+        default_factory=list, max_length=8,
+        description="Prompts for validation audio. Default: the first two distinct captions of the dataset.")
+    validation_steps: int = Field(50, ge=1, le=1000, description="Denoising steps for validation audio.")
+    max_runtime_s: float | None = Field(
+        None, gt=0, le=7 * 24 * 3600,
+        description="Save and return cleanly before this many seconds. Default: the worker's "
+        "FINETUNE_MAX_RUNTIME_S (below RunPod's default 600 s execution timeout).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FinetuneJob:
+        if self.method == "full" and self.mixed_precision == "fp16":
+            # fp16 autocast of a fully trained UNet without loss scaling diverges easily.
+            raise ValueError("method 'full' trains with mixed_precision 'bf16' or 'no', not 'fp16'")
+        return self
+
+
+TASKS = ("generate", "finetune")
+Job = Annotated[Union[GenerateJob, FinetuneJob], Field(discriminator="task")]
+_JOB_ADAPTER: TypeAdapter[GenerateJob | FinetuneJob] = TypeAdapter(Job)
+
+
+def parse_job(raw: Any) -> GenerateJob | FinetuneJob:
     """Validate a job's ``input``; raises pydantic.ValidationError listing every problem."""
     return _JOB_ADAPTER.validate_python(raw)
 

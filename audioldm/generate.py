@@ -42,7 +42,7 @@ def generators_for(seed: int, num_prompts: int, candidates: int) -> list[torch.G
 @torch.inference_mode()
 def generate(model: LoadedModel, job: GenerateJob) -> list[Clip]:
     pipe = model.pipe
-    model.use_scheduler(job.scheduler)
+    model.prepare(job.scheduler)
     prompts = job.prompts
     # Candidates are spelled out as repeated prompts (rather than num_waveforms_per_prompt)
     # so that the pipeline does not re-rank on its own and discard the scores.

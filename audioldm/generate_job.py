@@ -7,7 +7,6 @@ from typing import Any
 
 from audioldm.contract import GenerateJob
 from audioldm.generate import Clip, generate
-from audioldm.models import resolve_model
 from audioldm.storage import join
 from audioldm.outputs import CONTENT_TYPES, check_inline_fits, encode, job_destination, slug, to_base64
 from audioldm.context import JobContext
@@ -23,9 +22,7 @@ def run_generate(ctx: JobContext, job: GenerateJob) -> dict[str, Any]:
         check_inline_fits(len(job.prompts), job.duration_s, 16_000, ctx.settings.inline_max_bytes)
     else:
         ctx.storage.check_writable(destination)
-    source = resolve_model(job.model, ctx.settings) if job.model else ctx.default_source()
-
-    model, load_s = ctx.models.get(source)
+    model, load_s = ctx.load_model(job.model)
     generate_start = time.perf_counter()
     clips = generate(model, job)
     generate_s = time.perf_counter() - generate_start
@@ -35,7 +32,7 @@ def run_generate(ctx: JobContext, job: GenerateJob) -> dict[str, Any]:
     upload_s = time.perf_counter() - upload_start
     return {
         "task": "generate",
-        "model": {"name": source.name, "loaded_this_job": load_s > 0},
+        "model": {"name": model.source.name, "loaded_this_job": load_s > 0},
         "outputs": outputs,
         "settings": {
             "steps": job.steps,

@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AudioLDM2Pipeline, DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import AudioLDM2Pipeline, AudioLDM2UNet2DConditionModel, DDIMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from audioldm import adapters
+from audioldm.checkpoints import Manifest, load_tensors
 from audioldm.errors import ModelError
 from audioldm.loading import load_pipeline
 from audioldm.paths import resolve_inside
@@ -101,9 +103,13 @@ class LoadedModel:
     source: ModelSource
     pipe: AudioLDM2Pipeline
     schedulers: dict[str, SchedulerMixin] = field(default_factory=dict)
+    adapter: str | None = None  # the LoRA adapter (on the shared base UNet) this model means
 
-    def use_scheduler(self, name: str) -> None:
-        self.pipe.scheduler = self.schedulers[name]
+    def prepare(self, scheduler: str) -> None:
+        """Set this model's scheduler and adapter on the (possibly shared) pipeline."""
+        self.pipe.scheduler = self.schedulers[scheduler]
+        if self.adapter is not None or adapters.adapter_names(self.pipe.unet):
+            adapters.activate(self.pipe.unet, self.adapter)
 
 
 def _schedulers(pipe: AudioLDM2Pipeline) -> dict[str, SchedulerMixin]:
@@ -115,12 +121,19 @@ def _schedulers(pipe: AudioLDM2Pipeline) -> dict[str, SchedulerMixin]:
 
 
 class ModelCache:
-    """Loaded pipelines by directory, least recently used evicted beyond ``capacity``."""
+    """Warm pipelines, least recently used evicted beyond their capacities.
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, capacity: int = 1):
-        self.device, self.dtype, self.capacity = device, dtype, max(1, capacity)
+    Base models are keyed by directory. Fine-tuned checkpoints ride on a warm base: a LoRA
+    adapter is injected into the base UNet (no reload), a full fine-tune gets its own UNet
+    beside the base's other components.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, capacity: int = 1, finetuned_capacity: int = 8):
+        self.device, self.dtype = device, dtype
+        self.capacity, self.finetuned_capacity = max(1, capacity), max(1, finetuned_capacity)
         self._models: OrderedDict[Path, LoadedModel] = OrderedDict()
-        self._lock = threading.Lock()
+        self._finetuned: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.RLock()
         self.loads = 0  # how many times weights were read from disk in this process
 
     def get(self, source: ModelSource) -> tuple[LoadedModel, float]:
@@ -131,11 +144,7 @@ class ModelCache:
                 self._models.move_to_end(key)
                 return self._models[key], 0.0
             while len(self._models) >= self.capacity:
-                _, evicted = self._models.popitem(last=False)
-                log.info("evicting model %s", evicted.source.name)
-                del evicted
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                self._evict_base()
             start = time.perf_counter()
             pipe = load_pipeline(key, self.device, self.dtype)
             model = LoadedModel(source, pipe, _schedulers(pipe))
@@ -144,3 +153,60 @@ class ModelCache:
             seconds = time.perf_counter() - start
             log.info("loaded model %s from %s in %.1fs", source.name, key, seconds)
             return model, seconds
+
+    def get_finetuned(self, base_source: ModelSource, name: str, folder: Path,
+                      manifest: Manifest) -> tuple[LoadedModel, float]:
+        """A fine-tuned checkpoint (downloaded to ``folder``) on its warm base model."""
+        key = folder.resolve().name  # the download cache names folders by manifest digest
+        with self._lock:
+            base, seconds = self.get(base_source)
+            if key in self._finetuned and self._finetuned[key].pipe.vae is base.pipe.vae:
+                self._finetuned.move_to_end(key)
+                return self._finetuned[key], seconds
+            start = time.perf_counter()
+            while len(self._finetuned) >= self.finetuned_capacity:
+                self._evict_finetuned()
+            source = ModelSource(name, base_source.path)
+            if manifest.method == "lora":
+                model = self._with_adapter(base, source, f"ckpt_{key[:16]}", folder, manifest)
+            else:
+                model = self._with_unet(base, source, folder)
+            self._finetuned[key] = model
+            return model, seconds + time.perf_counter() - start
+
+    def _with_adapter(self, base: LoadedModel, source: ModelSource, adapter: str, folder: Path,
+                      manifest: Manifest) -> LoadedModel:
+        lora = manifest.lora or {}
+        weights = load_tensors(folder / "adapter.safetensors")
+        if adapter not in adapters.adapter_names(base.pipe.unet):
+            config = adapters.lora_config(int(lora.get("rank", 8)), float(lora.get("alpha", 8)))
+            adapters.load_adapter(base.pipe.unet, adapter, config, weights)
+        return LoadedModel(source, base.pipe, base.schedulers, adapter=adapter)
+
+    def _with_unet(self, base: LoadedModel, source: ModelSource, folder: Path) -> LoadedModel:
+        unet = AudioLDM2UNet2DConditionModel.from_config(base.pipe.unet.config)
+        try:
+            unet.load_state_dict(load_tensors(folder / "unet.safetensors"))
+        except RuntimeError as exc:
+            raise ModelError(f"checkpoint {source.name} does not fit its base model's UNet: "
+                             f"{str(exc).splitlines()[0]}") from None
+        unet.to(self.device, self.dtype).eval()
+        pipe = AudioLDM2Pipeline(**{**base.pipe.components, "unet": unet})
+        pipe.set_progress_bar_config(disable=True)
+        return LoadedModel(source, pipe, _schedulers(pipe))
+
+    def _evict_base(self) -> None:
+        _, evicted = self._models.popitem(last=False)
+        log.info("evicting model %s", evicted.source.name)
+        # Fine-tunes riding on the evicted base go with it.
+        for key in [key for key, model in self._finetuned.items() if model.pipe.vae is evicted.pipe.vae]:
+            del self._finetuned[key]
+        del evicted
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _evict_finetuned(self) -> None:
+        _, evicted = self._finetuned.popitem(last=False)
+        log.info("evicting fine-tuned model %s", evicted.source.name)
+        if evicted.adapter is not None:
+            adapters.remove_adapter(evicted.pipe.unet, evicted.adapter)

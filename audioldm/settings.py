@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -39,6 +40,16 @@ class Settings:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     max_cached_models: int = 1
+    max_cached_adapters: int = 8
+    # Per-job scratch space (datasets, checkpoints on their way up); removed after each job.
+    work_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "audioldm2-jobs")
+    # Fine-tuned checkpoints downloaded for generate jobs, kept across jobs.
+    checkpoint_cache_dir: Path = field(
+        default_factory=lambda: Path("~/.cache/audioldm2-worker/checkpoints").expanduser())
+    # A fine-tune saves and returns before this unless the job says otherwise: RunPod's
+    # default execution timeout is 600 s.
+    finetune_max_runtime_s: float = 540.0
+    max_dataset_bytes: int = 8 * 1024**3
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -53,4 +64,10 @@ class Settings:
             device=device,
             dtype=_dtype(env.get("TORCH_DTYPE", "").lower(), device),
             max_cached_models=int(env.get("MAX_CACHED_MODELS") or defaults.max_cached_models),
+            max_cached_adapters=int(env.get("MAX_CACHED_ADAPTERS") or defaults.max_cached_adapters),
+            work_dir=Path(env["WORK_DIR"]) if env.get("WORK_DIR") else defaults.work_dir,
+            checkpoint_cache_dir=Path(env["CHECKPOINT_CACHE_DIR"]) if env.get("CHECKPOINT_CACHE_DIR")
+            else defaults.checkpoint_cache_dir,
+            finetune_max_runtime_s=float(env.get("FINETUNE_MAX_RUNTIME_S") or defaults.finetune_max_runtime_s),
+            max_dataset_bytes=int(env.get("MAX_DATASET_BYTES") or defaults.max_dataset_bytes),
         )

@@ -50,7 +50,7 @@ def main() -> None:
     source = resolve_model(args.model, worker.settings, trusted=True)
     model, _ = worker.models.get(source)
     pipe = model.pipe
-    model.use_scheduler("ddim")
+    model.prepare("ddim")
 
     def direct() -> None:
         pipe("rain on a tin roof", audio_length_in_s=args.duration, num_inference_steps=args.steps,
