@@ -60,7 +60,7 @@ class OutputSpec(_Strict):
 class GenerateJob(_Strict):
     """Text to audio."""
 
-    task: Literal["generate"]
+    task: Literal["generate"] = Field(description="Selects this job type.")
     prompt: str | list[str] = Field(
         description=f"A prompt, or a list of 1-{MAX_PROMPTS} prompts generated as one batch; "
         f"each non-empty, at most {MAX_PROMPT_CHARS} characters.",
@@ -95,7 +95,7 @@ class GenerateJob(_Strict):
         "Default: the worker's warm model (env DEFAULT_MODEL).",
         examples=["audioldm2"],
     )
-    output: OutputSpec | None = None
+    output: OutputSpec | None = Field(None, description="Where the audio goes; see `output (generate)`.")
 
     @property
     def prompts(self) -> list[str]:
@@ -150,31 +150,32 @@ class RunOutputSpec(_Strict):
 class FinetuneJob(_Strict):
     """A dataset zip (root metadata.csv with columns audio, caption) -> a new checkpoint."""
 
-    task: Literal["finetune"]
+    task: Literal["finetune"] = Field(description="Selects this job type.")
     dataset: Uri = Field(description="The dataset zip: s3:// URI or a local path inside LOCAL_STORAGE_ROOTS.",
                          examples=["s3://my-bucket/datasets/dogs.zip"])
     base_model: ModelRef | None = Field(
         None, description="Preset or local directory to start from. Default: the worker's DEFAULT_MODEL.")
     method: Literal["lora", "full"] = Field(
         "lora", description="'lora': a small adapter on the UNet's attention; 'full': every UNet weight.")
-    output: RunOutputSpec
+    output: RunOutputSpec = Field(description="The run directory; see `output (finetune)`.")
     max_steps: int = Field(1000, ge=1, le=1_000_000, description="Optimizer steps for the whole run.")
-    learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
+    learning_rate: float = Field(1e-4, gt=0.0, le=1.0, description="AdamW learning rate after warm-up.")
     warmup_steps: int = Field(100, ge=0, le=100_000, description="Linear learning-rate warm-up.")
-    batch_size: int = Field(2, ge=1, le=64)
-    gradient_accumulation: int = Field(1, ge=1, le=256)
-    lora_rank: int = Field(8, ge=1, le=256)
-    lora_alpha: float = Field(8.0, gt=0.0, le=1024.0)
+    batch_size: int = Field(2, ge=1, le=64, description="Clips per micro-batch (10.24 s crops).")
+    gradient_accumulation: int = Field(1, ge=1, le=256, description="Micro-batches per optimizer step.")
+    lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank (method 'lora').")
+    lora_alpha: float = Field(8.0, gt=0.0, le=1024.0, description="LoRA scale numerator: update x alpha/rank.")
     mixed_precision: Literal["bf16", "fp16", "no"] = Field(
         "bf16", description="Autocast precision on GPU; CPUs always train in fp32.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (recompute activations).")
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    save_every_steps: int = Field(500, ge=1, le=1_000_000)
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Fixes data order, crops, noise and LoRA init.")
+    save_every_steps: int = Field(
+        500, ge=1, le=1_000_000, description="Checkpoint interval; also saved at the end and before stopping.")
     validate_every_steps: int | None = Field(
         None, ge=1, le=1_000_000,
         description="Generate validation audio every N steps (and at the end). Default: at the end only.")
     validation_prompts: list[Prompt] = Field(
-        default_factory=list, max_length=8,
+        [], max_length=8,
         description="Prompts for validation audio. Default: the first two distinct captions of the dataset.")
     validation_steps: int = Field(50, ge=1, le=1000, description="Denoising steps for validation audio.")
     max_runtime_s: float | None = Field(
@@ -240,7 +241,52 @@ def render_schema() -> str:
     return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
 
 
+README_PATH = SCHEMA_PATH.parent.parent / "README.md"
+REFERENCE_START, REFERENCE_END = "<!-- job-reference:start -->", "<!-- job-reference:end -->"
+
+
+def render_reference() -> str:
+    """Markdown tables of every job field, made from the models (README's reference section)."""
+    definitions = json_schema()["$defs"]
+    sections = []
+    for title, name in (("generate", "GenerateJob"), ("finetune", "FinetuneJob"),
+                        ("output (generate)", "OutputSpec"), ("output (finetune)", "RunOutputSpec")):
+        model = definitions[name]
+        rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
+        for field_name, field in model["properties"].items():
+            default = "required" if field_name in model.get("required", []) else json.dumps(field.get("default"))
+            rows.append(f"| `{field_name}` | {_type_of(field)} | {default} | {field.get('description', '')} |")
+        sections.append(f"#### `{title}`\n\n{model.get('description', '')}\n\n" + "\n".join(rows))
+    return "\n\n".join(sections) + "\n"
+
+
+def _type_of(field: dict[str, Any]) -> str:
+    if "const" in field:
+        return f"`{json.dumps(field['const'])}`"
+    if "enum" in field:
+        return " \\| ".join(f"`{json.dumps(value)}`" for value in field["enum"])
+    if "anyOf" in field:
+        return " or ".join(_type_of(option) for option in field["anyOf"])
+    if "$ref" in field:
+        return field["$ref"].rsplit("/", 1)[-1]
+    kind = field.get("type", "any")
+    if kind == "array":
+        return f"list of {_type_of(field.get('items', {}))}"
+    bounds = [f"{symbol} {field[key]}" for key, symbol in
+              (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"))
+              if key in field]
+    return kind + (f" ({', '.join(bounds)})" if bounds else "")
+
+
+def readme_with_reference(readme: str) -> str:
+    head, _, rest = readme.partition(REFERENCE_START)
+    _, _, tail = rest.partition(REFERENCE_END)
+    return f"{head}{REFERENCE_START}\n{render_reference()}{REFERENCE_END}{tail}"
+
+
 if __name__ == "__main__":
     SCHEMA_PATH.parent.mkdir(parents=True, exist_ok=True)
     SCHEMA_PATH.write_text(render_schema())
     print(f"wrote {SCHEMA_PATH}")
+    README_PATH.write_text(readme_with_reference(README_PATH.read_text()))
+    print(f"updated the job reference in {README_PATH}")

@@ -7,7 +7,14 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from audioldm.contract import SCHEMA_PATH, describe_validation_error, parse_job, render_schema
+from audioldm.contract import (
+    README_PATH,
+    SCHEMA_PATH,
+    describe_validation_error,
+    parse_job,
+    readme_with_reference,
+    render_schema,
+)
 
 
 def errors_for(raw) -> list[str]:
@@ -69,3 +76,22 @@ def test_exported_json_schema_is_up_to_date():
     generate = schema["$defs"]["GenerateJob"]
     assert generate["additionalProperties"] is False
     assert generate["properties"]["steps"]["default"] == 200
+
+
+def test_readme_job_reference_is_up_to_date():
+    readme = README_PATH.read_text()
+    assert readme == readme_with_reference(readme), "run: python -m audioldm.contract"
+    for field in ("duration_s", "candidates", "save_every_steps", "max_runtime_s", "url_expiry_s"):
+        assert f"| `{field}` |" in readme
+
+
+def test_finetune_defaults_and_rules():
+    job = parse_job({"task": "finetune", "dataset": "s3://b/d.zip", "output": {"uri": "s3://b/runs/x/"}})
+    assert (job.method, job.max_steps, job.batch_size, job.learning_rate, job.save_every_steps) == (
+        "lora", 1000, 2, 1e-4, 500)
+    assert job.validation_prompts == [] and job.max_runtime_s is None
+    [line] = errors_for({"task": "finetune", "dataset": "d.zip", "output": {"uri": "r/"}, "method": "full",
+                         "mixed_precision": "fp16"})
+    assert "bf16" in line
+    [line] = errors_for({"task": "finetune", "dataset": "d.zip"})
+    assert line.startswith("input.output: Field required")
