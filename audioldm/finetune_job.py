@@ -114,7 +114,11 @@ def _already_done(ctx: JobContext, job: FinetuneJob, run_uri: str, manifest: che
 
 def _fetch_dataset(ctx: JobContext, job: FinetuneJob) -> tuple[list[tuple[Path, str]], dict]:
     zip_path = ctx.work_dir / "dataset.zip"
-    ctx.progress({"stage": "downloading dataset"})
+    size, limit = ctx.storage.size(job.dataset), ctx.settings.max_dataset_bytes
+    if size > limit:
+        raise JobError(f"dataset {job.dataset} is {size / 1e9:.1f} GB, above this worker's limit of "
+                       f"{limit / 1e9:.1f} GB (MAX_DATASET_BYTES)")
+    ctx.progress({"stage": "downloading dataset", "bytes": size})
     ctx.storage.get_file(job.dataset, zip_path)
     report = validate_dataset(zip_path)
     if not report.ok:

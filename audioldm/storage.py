@@ -299,6 +299,17 @@ class Storage:
                 raise
         return True
 
+    def size(self, uri: str) -> int:
+        """Bytes of an existing object; StorageError when it is missing."""
+        if not is_s3_uri(uri):
+            path = self._local(uri)
+            if not path.is_file():
+                raise StorageError(f"file {uri!r} not found")
+            return path.stat().st_size
+        bucket, key = self._object(uri)
+        with self._s3_errors("read", bucket, key):
+            return int(self._client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+
     def list(self, prefix_uri: str) -> list[str]:
         """Objects under a prefix, treated as a folder (``s3://b/run`` lists ``run/...``), sorted."""
         if not is_s3_uri(prefix_uri):

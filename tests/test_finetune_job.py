@@ -225,3 +225,20 @@ def test_killed_worker_resumes_from_its_last_complete_checkpoint(s3, bucket, tin
     assert checkpoints.latest_checkpoint(storage, run_uri)[0] == 10
     assert f"resumed_from': {saved[-1][0]}" in resumed.stdout + resumed.stderr or \
         f'"resumed_from": {saved[-1][0]}' in resumed.stdout + resumed.stderr
+
+
+def test_missing_or_oversized_dataset_fails_before_training(worker, s3, bucket, outputs_root):
+    from audioldm.settings import Settings
+    from audioldm.worker import Worker
+
+    job = {"task": "finetune", "dataset": f"s3://{bucket}/datasets/nope.zip",
+           "output": {"uri": f"s3://{bucket}/runs/none/"}}
+    missing = worker.run({"id": "m", "s3Config": s3_config(s3, bucket), "input": job})
+    assert "not found" in missing["error"] and "datasets/nope.zip" in missing["error"]
+
+    small = Worker(Settings(default_model="tiny", local_roots=[outputs_root], max_dataset_bytes=1000))
+    too_big = small.run({"id": "b", "s3Config": s3_config(s3, bucket),
+                         "input": {**job, "dataset": f"s3://{bucket}/datasets/tones.zip"}})
+    assert "MAX_DATASET_BYTES" in too_big["error"]
+    assert small.models.loads == 0  # refused before any model was loaded
+    assert not [key for key in list_keys(s3, bucket) if key.startswith("runs/none/")]
