@@ -39,6 +39,9 @@ Progress = Callable[[dict[str, Any]], None]
 class Worker:
     def __init__(self, settings: Settings):
         self.settings = settings
+        # One job at a time: jobs share the warm pipeline (its scheduler, its active adapter).
+        # RunPod sends one job per worker anyway; the SDK's local API server does not.
+        self._job_lock = threading.Lock()
         self.models = ModelCache(settings.device, settings.dtype, settings.max_cached_models,
                                  settings.max_cached_adapters)
         redact.register_env()
@@ -85,7 +88,8 @@ class Worker:
             self.settings.work_dir.mkdir(parents=True, exist_ok=True)
             work_dir = tempfile.mkdtemp(prefix=f"{safe_job_id(job_id)}-", dir=self.settings.work_dir)
             ctx = self._context(job_id, s3_config, work_dir, progress, stop)
-            result = self._dispatch(ctx, spec)
+            with self._job_lock:
+                result = self._dispatch(ctx, spec)
         except JobError as exc:
             log.warning("job %s failed: %s", job_id, exc)
             return {"error": redact.redact(str(exc))}

@@ -52,3 +52,20 @@ def worker(tiny_model_dir: Path, outputs_root: Path):
     worker.warm_up()
     return worker
 
+
+
+@pytest.fixture(scope="session")
+def api(s3: SeaweedS3, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The worker's local RunPod API (``handler.py --rp_serve_api``), started once for the session
+    by the first test that needs it (each start costs ~12 s on 2 cores).
+
+    Tiny model on CPU, SeaweedFS as its BUCKET_* storage, bound to 127.0.0.1; see api_server.py.
+    It keeps no state between jobs that tests could trip over: /status forgets each job it runs.
+    """
+    from api_server import start_api_server
+
+    server = start_api_server(s3, tiny_model_dir, tmp_path_factory.mktemp("runpod-api"))
+    try:
+        yield server
+    finally:
+        server.stop()

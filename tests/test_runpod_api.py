@@ -1,6 +1,6 @@
 """End to end through the RunPod SDK's own local API server, as a user would run it.
 
-One real ``python handler.py --rp_serve_api`` process for the module (tiny model, CPU), real HTTP,
+One real ``python handler.py --rp_serve_api`` process (tiny model, CPU; shared by the session), real HTTP,
 real SeaweedFS storage; nothing is mocked.
 
 What runpod 1.12.0's local API does (read in runpod/serverless/modules/rp_fastapi.py, and checked here):
@@ -23,15 +23,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import queue
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,137 +36,13 @@ from typing import Any
 import pytest
 import soundfile as sf
 
+from api_server import HTTP as _HTTP
+from api_server import HTTP_TIMEOUT_S, ApiServer
 from s3server import SeaweedS3
 
-REPO = Path(__file__).resolve().parent.parent
-STARTUP_TIMEOUT_S = 120.0  # tiny model load + uvicorn; ~3-8 s on 2 CPU cores
-HTTP_TIMEOUT_S = 120.0  # one tiny job takes well under 5 s; generous for loaded CI machines
 PROMPT = "rain on a tin roof"
 
-# Loopback only: never route the test's own requests through a proxy from the environment.
-_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-# ---------------------------------------------------------------------------------------------
-# The server process
-# ---------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class ApiServer:
-    proc: subprocess.Popen
-    port: int
-    log_path: Path
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:]) or "(empty log)"
-
-    def post(self, path: str, body: dict | None = None) -> dict[str, Any]:
-        data = json.dumps(body).encode() if body is not None else b""
-        request = urllib.request.Request(
-            self.base_url + path, data=data, method="POST", headers={"Content-Type": "application/json"})
-        try:
-            with _HTTP.open(request, timeout=HTTP_TIMEOUT_S) as response:
-                assert response.status == 200, response.status
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            pytest.fail(f"POST {path} -> HTTP {exc.code}: {exc.read()[:2000]!r}\n"
-                        f"server log tail:\n{self.log_tail()}")
-        except (urllib.error.URLError, TimeoutError) as exc:
-            pytest.fail(f"POST {path} failed: {exc}\nserver log tail:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # uvicorn shuts down cleanly on SIGTERM
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
-
-
-def _wait_ready(server: ApiServer, deadline: float) -> str | None:
-    """None once the API answers; else why not ('port race' to retry, or a message)."""
-    while True:
-        if server.proc.poll() is not None:
-            if "address already in use" in server.log_text().lower():
-                return "port race"
-            return f"worker exited with code {server.proc.returncode} before serving"
-        try:
-            with _HTTP.open(f"{server.base_url}/openapi.json", timeout=2) as response:
-                if response.status == 200:
-                    return None
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        if time.monotonic() > deadline:
-            return f"API did not answer on port {server.port} within {STARTUP_TIMEOUT_S:.0f}s"
-        time.sleep(0.2)
-
-
-def _start_api(env: dict[str, str], log_path: Path) -> ApiServer:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    for _ in range(3):  # the free port may be taken before uvicorn binds it; retry with a fresh one
-        port = _free_port()
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "handler.py", "--rp_serve_api",
-                 "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
-                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )
-        server = ApiServer(proc, port, log_path)
-        problem = _wait_ready(server, deadline)
-        if problem is None:
-            return server
-        server.stop()
-        if problem != "port race":
-            pytest.fail(f"{problem}\nserver log tail:\n{server.log_tail()}")
-    pytest.fail(f"could not bind a free port for the API in 3 tries\nserver log tail:\n{server.log_tail()}")
-
-
-@pytest.fixture(scope="module")
-def api(s3: SeaweedS3, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    home = tmp_path_factory.mktemp("runpod-api")
-    (home / "outputs").mkdir()
-    (home / "models").mkdir()
-    # The user's environment, minus anything that would point the worker somewhere else.
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("BUCKET_", "AWS_", "RUNPOD_"))
-           and k not in ("OUTPUT_URI", "DEVICE", "TORCH_DTYPE", "INLINE_MAX_BYTES")}
-    env.update(
-        DEFAULT_MODEL="tiny",
-        HF_HUB_OFFLINE="1",
-        AUDIOLDM_TINY_DIR=str(tiny_model_dir),  # built once per session by conftest
-        LOCAL_STORAGE_ROOTS=str(home / "outputs"),
-        MODEL_SEARCH_DIRS=str(home / "models"),
-        BUCKET_ENDPOINT_URL=s3.endpoint_url,
-        BUCKET_ACCESS_KEY_ID=s3.access_key,
-        BUCKET_SECRET_ACCESS_KEY=s3.secret_key,
-        DEVICE="cpu",
-        PYTHONUNBUFFERED="1",
-        NO_PROXY="127.0.0.1,localhost",
-        no_proxy="127.0.0.1,localhost",
-    )
-    # One torch thread unless the caller says otherwise: on a 2-core machine with anything else
-    # busy, torch's default (one thread per core) made each tiny job ~60x slower (0.3 s -> 20 s).
-    env.setdefault("OMP_NUM_THREADS", "1")
-    server = _start_api(env, home / "worker.log")
-    try:
-        yield server
-    finally:
-        server.stop()
+# The ``api`` fixture (one local API server for the session) lives in conftest.py / api_server.py.
 
 
 @pytest.fixture(scope="module")
