@@ -30,6 +30,7 @@ from audioldm.storage import join
 from audioldm.training import (
     OptimConfig,
     StepBatches,
+    checkpointed_call,
     UNetFinetune,
     lightning_precision,
     mix_seed,
@@ -136,7 +137,7 @@ def _trainable_unet(base: ModelSource, job: FinetuneJob,
     unet = AudioLDM2UNet2DConditionModel.from_pretrained(base.path, subfolder="unet", torch_dtype=torch.float32)
     unet.requires_grad_(job.method == "full")
     if job.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        unet.enable_gradient_checkpointing(checkpointed_call)
     weights = checkpoints.load_tensors(resumed[0] / WEIGHTS_FILE[job.method]) if resumed else None
     config = adapters.lora_config(job.lora_rank, job.lora_alpha)
     if job.method == "lora" and weights is not None:

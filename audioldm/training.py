@@ -11,6 +11,7 @@ a checkpoint at step N sees exactly the batches, crops and noise an uninterrupte
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from diffusers import AudioLDM2Pipeline, DDPMScheduler
 from torch.utils.data import IterableDataset
 
@@ -162,6 +164,24 @@ class UNetFinetune(pl.LightningModule):
         # The warm-up is a function of the absolute step, so it needs no state to resume.
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (start + step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def checkpointed_call(module: torch.nn.Module, *args):
+    """Gradient checkpointing for AudioLDM2's UNet (pass to ``unet.enable_gradient_checkpointing``).
+
+    diffusers 0.42's AudioLDM2 blocks hand Transformer2DModel its arguments positionally but skip
+    ``added_cond_kwargs``, so with the stock function every later argument lands one slot early
+    (the T5 mask becomes the self-attention mask) and the forward fails. Map them by name.
+    """
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    if isinstance(module, Transformer2DModel) and len(args) == 7:
+        hidden, encoder, timestep, class_labels, attention_kwargs, mask, encoder_mask = args
+        call = functools.partial(module.__call__, timestep=timestep, class_labels=class_labels,
+                                 cross_attention_kwargs=attention_kwargs, attention_mask=mask,
+                                 encoder_attention_mask=encoder_mask, return_dict=False)
+        return torch.utils.checkpoint.checkpoint(call, hidden, encoder, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
 
 
 def optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
