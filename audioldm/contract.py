@@ -210,7 +210,8 @@ def describe_validation_error(error: ValidationError) -> str:
     """
     by_location: dict[str, list[str]] = {}
     for problem in error.errors(include_url=False, include_input=False):
-        parts = [str(part) for part in problem["loc"] if not _is_union_tag(part)]
+        # Field names come from the caller too: shorten them so an error stays small.
+        parts = [_shorten(str(part)) for part in problem["loc"] if not _is_union_tag(part)]
         location = ".".join(["input", *parts])
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "union_tag_invalid":
@@ -222,6 +223,10 @@ def describe_validation_error(error: ValidationError) -> str:
             messages.append(message)
     lines = [f"{location}: {' / '.join(messages)}" for location, messages in by_location.items()]
     return f"invalid job ({len(lines)} problem{'s' if len(lines) != 1 else ''}):\n" + "\n".join(lines)
+
+
+def _shorten(text: str, limit: int = 64) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_union_tag(part: str | int) -> bool:

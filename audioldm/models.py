@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -162,7 +162,8 @@ class ModelCache:
             base, seconds = self.get(base_source)
             if key in self._finetuned and self._finetuned[key].pipe.vae is base.pipe.vae:
                 self._finetuned.move_to_end(key)
-                return self._finetuned[key], seconds
+                # The same bytes may sit at another URI: report the name this job used.
+                return replace(self._finetuned[key], source=ModelSource(name, base_source.path)), seconds
             start = time.perf_counter()
             while len(self._finetuned) >= self.finetuned_capacity:
                 self._evict_finetuned()
