@@ -11,8 +11,8 @@ dataset (10.24 s tones, batch 2), with the training module's own pieces (`audiol
 
 A step = forward, MSE, backward, grad-norm clip 1.0, AdamW, as Lightning runs it. Gradient checkpointing
 uses `audioldm.training.checkpointed_call`: diffusers' stock function crashes on AudioLDM2's UNet. Timed after warm-up
-steps; samples/s = batch x steps / time. Memory: CPU = process RSS (peak sampled every 2 ms during the
-timed steps, and the increase over the RSS before training); CUDA = torch.cuda.max_memory_allocated.
+steps; samples/s = batch x steps / time. Memory: CPU = process RSS (peak sampled every 2 ms from the
+first step on, and its increase over the RSS before the first step); CUDA = torch.cuda.max_memory_allocated.
 
     .venv/bin/python bench/train_speed.py --model tiny
     .venv/bin/python bench/train_speed.py --model full --steps 2 --warmup 1 --configs lora,full
@@ -180,14 +180,14 @@ def run_one(name: str, model_path: Path, steps: int, warmup: int, batch_size: in
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    for batch in batches[:warmup]:
-        step(batch)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     sampler = PeakRSS()
-    rss_before = sampler.rss()
+    rss_before = sampler.rss()  # models loaded, no step run yet: the increase is activations, grads, AdamW state
     with sampler:
+        for batch in batches[:warmup]:
+            step(batch)
         step_times, cpu_times, losses = [], [], []
         for batch in batches[warmup:]:
             start, cpu_start = time.perf_counter(), time.process_time()
