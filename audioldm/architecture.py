@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -190,22 +188,7 @@ def default_cache_dir(preset: str = "audioldm2") -> Path:
 def ensure_full_size(cache_dir: Path | None = None, preset: str = "audioldm2") -> Path:
     """The full-size random model's directory, built on first use (staged, then renamed into place)."""
     target = Path(cache_dir) if cache_dir is not None else default_cache_dir(preset)
-    if (target / "model_index.json").is_file():
-        return target
-    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
-        raise ModelError(f"{target} exists but holds no model (no model_index.json); remove it to rebuild")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-building-", dir=target.parent))
-    try:
-        build_full_size(staging, preset)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return tiny.build_once(target, lambda staging: build_full_size(staging, preset), "model")
 
 
 def format_counts(counts: dict[str, int], preset: str = "audioldm2") -> str:

@@ -19,6 +19,8 @@ Usage: `python -m audioldm.tiny DIR` builds it into DIR.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import json
 import os
 import shutil
@@ -309,21 +311,26 @@ def default_cache_dir() -> Path:
 
 
 def ensure_tiny(cache_dir: Path | None = None) -> Path:
-    """The tiny model's directory, built on first use.
+    """The tiny model's directory, built on first use (see ``build_once``)."""
+    target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return build_once(target, build_tiny, "tiny model")
+
+
+def build_once(target: Path, build: Callable[[Path], object], what: str) -> Path:
+    """``target`` holding a pipeline, built by ``build`` if it is not there yet.
 
     The build goes into a temporary directory beside the target and is renamed into place, so a crash
     or a concurrent build never leaves a half-written model where loaders look for it.
     """
-    target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if (target / "model_index.json").is_file():
         return target
     if target.exists() and not (target.is_dir() and not any(target.iterdir())):
         # Not ours to delete: it may be something else the user pointed us at.
-        raise ModelError(f"{target} exists but holds no tiny model (no model_index.json); remove it to rebuild")
+        raise ModelError(f"{target} exists but holds no {what} (no model_index.json); remove it to rebuild")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-building-", dir=target.parent))
     try:
-        build_tiny(staging)
+        build(staging)
         try:
             staging.rename(target)
         except OSError:
